@@ -1,0 +1,1 @@
+"""Alembic migrations of the api service's own tables."""

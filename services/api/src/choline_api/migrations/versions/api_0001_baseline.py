@@ -1,0 +1,18 @@
+"""baseline: the api service's schema starts here
+
+Revision ID: api_0001
+Revises:
+"""
+
+revision = "api_0001"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    pass
+
+
+def downgrade() -> None:
+    pass

@@ -1,0 +1,1 @@
+"""The ``/v1`` routers: thin wrappers around ``choline_api.gateway``."""

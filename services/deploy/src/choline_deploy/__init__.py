@@ -1,0 +1,1 @@
+"""choline deploy service: Serves model bundles as HTTP APIs; owns deployments."""

@@ -1,0 +1,1 @@
+"""Alembic migrations of the deploy service's own tables."""

@@ -1,0 +1,1 @@
+"""Alembic migrations of the monitor service's own tables."""

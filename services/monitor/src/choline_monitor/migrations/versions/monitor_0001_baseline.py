@@ -1,0 +1,18 @@
+"""baseline: the monitor service's schema starts here
+
+Revision ID: monitor_0001
+Revises:
+"""
+
+revision = "monitor_0001"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    pass
+
+
+def downgrade() -> None:
+    pass

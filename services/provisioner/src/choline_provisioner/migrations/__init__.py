@@ -1,0 +1,1 @@
+"""Alembic migrations of the provisioner service's own tables."""

@@ -1,0 +1,3 @@
+from choline_svc.migrate import run_env
+
+run_env()

@@ -1,0 +1,1 @@
+"""Alembic migrations of the syncer service's own tables."""
