@@ -77,15 +77,16 @@ def test_login_and_the_pages(tab: Tab, cp: Gateway) -> None:
     assert "No runs match" in tab.page.inner_text("#runs-table")
     tab.shot("runs-empty")
 
-    # models and deployments: the API has no such endpoints yet, and the pages say so
+    # models and deployments: none yet, and the pages say how to get one
     tab.page.click("#nav-models")
-    tab.page.wait_for_selector("#not-available")
-    assert "Models are not available from this gateway yet" in tab.page.inner_text("#not-available")
+    tab.page.wait_for_selector("#models-table td.empty")
+    assert "choline models push" in tab.page.inner_text("#models-table")
     tab.page.wait_for_selector("#bundles-table")
-    tab.shot("models-not-available")
+    tab.shot("models-empty")
     tab.page.click("#nav-deployments")
-    tab.page.wait_for_selector("#not-available:has-text('Deployments are not available')")
-    tab.shot("deployments-not-available")
+    tab.page.wait_for_selector("#deployments-table td.empty")
+    assert "choline deploy model" in tab.page.inner_text("#deployments-table")
+    tab.shot("deployments-empty")
     tab.check_clean()
 
 
@@ -133,6 +134,7 @@ def test_webhooks_and_tokens(tab: Tab, cp: Gateway, receiver: Receiver) -> None:
     secret = tab.page.inner_text("#wh-secret", timeout=10_000)
     assert secret.startswith("whsec_")
     row = tab.page.locator("#webhooks-table tr[data-webhook]")
+    row.first.wait_for(timeout=10_000)  # the table is drawn again once the webhook is stored
     assert row.count() == 1
     hook_id = row.get_attribute("data-webhook")
     row.locator("button:has-text('test')").click()
@@ -295,12 +297,28 @@ def test_the_model_card_of_the_run_s_bundle(tab: Tab, cp: Gateway, tmp_path: Pat
         pytest.fail("the live-run test left no run with a bundle")
     with cp.api() as api:
         bundle = api.get(f"/v1/runs/{run_id}/artifacts").json()["bundle"]
+        wait_for(lambda: api.get("/v1/models").json()["models"], 30, "the run's bundle registered as a model")
+        (model,) = api.get("/v1/models").json()["models"]
+    assert model["run_id"] == run_id and model["version"] == 1
+    name = model["name"]
     local = tmp_path / bundle["path"]
     with urllib.request.urlopen(bundle["url"], timeout=30) as resp:  # a presigned URL of the control plane's S3
         local.write_bytes(resp.read())
 
+    # the registry lists it; its card opens from the list
     tab.page.click("#nav-models")
+    tab.page.wait_for_selector(f'#models-table tr[data-model="{name}"]')
+    assert run_id in tab.page.inner_text(f'#models-table tr[data-model="{name}"]')
     tab.page.wait_for_selector(f'#bundles-table a[href="/ui/runs/{run_id}"]')
+    tab.page.click(f'#models-table tr[data-model="{name}"] a.model-link')
+    tab.page.wait_for_selector("#model-detail #model-card")
+    assert "Recognise a handwritten digit" in tab.page.inner_text("#card-purpose")
+    tab.shot("models-registry")
+
+    # a bundle file read in the browser gives the same card
+    tab.page.click("#nav-deployments")
+    tab.page.click("#nav-models")
+    tab.page.wait_for_selector(f'#models-table tr[data-model="{name}"]')
     tab.page.set_input_files("#bundle-file", str(local))
     tab.page.wait_for_selector("#model-card")
     assert "Recognise a handwritten digit" in tab.page.inner_text("#card-purpose")
@@ -317,10 +335,31 @@ def test_the_model_card_of_the_run_s_bundle(tab: Tab, cp: Gateway, tmp_path: Pat
     tab.page.fill("#in-pixels", ", ".join(["17"] + ["0"] * 63))
     tab.page.click("#try-send")
     tab.page.wait_for_selector("#try-problems li:has-text('outside 0 .. 16')")
-    tab.page.fill("#in-pixels", ", ".join(str(i % 17) for i in range(64)))
+    pixels = [i % 17 for i in range(64)]
+    tab.page.fill("#in-pixels", ", ".join(map(str, pixels)))
     tab.page.click("#try-send")
     tab.page.wait_for_selector("#try-body:not([hidden])")
     body = json.loads(tab.page.inner_text("#try-body"))
-    assert body == {"inputs": {"pixels": [i % 17 for i in range(64)]}}
+    assert body == {"pixels": pixels}  # what POST .../predict takes
     tab.shot("models-card")
+
+    # deployed (a local replica): the deployments page sends the form to the real endpoint
+    out = cp.cp.cli("deploy", "model", name, "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    try:
+        with cp.api() as api:
+            want = api.post(f"/v1/deployments/{name}/predict", json={"pixels": pixels})
+        assert want.status_code == 200, want.text
+        tab.page.click("#nav-deployments")
+        tab.page.wait_for_selector(f'#deployments-table tr[data-deployment="{name}"]')
+        assert "ready" in tab.page.inner_text(f'#deployments-table tr[data-deployment="{name}"]')
+        tab.page.click(f'#deployments-table tr[data-deployment="{name}"] a.deployment-link')
+        tab.page.wait_for_selector("#deployment-detail #model-card")
+        tab.page.fill("#in-pixels", ", ".join(map(str, pixels)))
+        tab.page.click("#try-send")
+        wait_for(lambda: tab.page.inner_text("#try-result").startswith("{"), 30, "the prediction")
+        assert json.loads(tab.page.inner_text("#try-result")) == want.json()
+        tab.shot("deployments-try-it")
+    finally:
+        assert cp.cp.cli("undeploy", name).returncode == 0
     tab.check_clean()

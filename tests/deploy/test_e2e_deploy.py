@@ -141,7 +141,11 @@ def test_run_to_endpoint_and_back(
     os.environ["CHOLINE_HOME"] = str(cp.home)  # restored by the autouse choline_home fixture
     answers: list[int] = []
     failures: list[str] = []
+    strays: list[list[float]] = []
     stop = threading.Event()
+    # a sample batched with other clients' sums in another order than alone: a float32 hair apart, while
+    # the two versions are far apart
+    assert not torch.allclose(want, want2, rtol=0, atol=1e-2)
 
     def client() -> None:
         with CholineClient.from_settings(CholineSettings()) as api:
@@ -151,8 +155,10 @@ def test_run_to_endpoint_and_back(
                 except Exception as exc:
                     failures.append(repr(exc))
                     continue
-                close = [v for v, w in ((1, want), (2, want2)) if torch.allclose(value, w, rtol=1e-5, atol=1e-6)]
+                close = [v for v, w in ((1, want), (2, want2)) if torch.allclose(value, w, rtol=1e-4, atol=1e-4)]
                 answers.append(close[0] if len(close) == 1 else -1)
+                if len(close) != 1:
+                    strays.append(value.tolist())
 
     threads = [threading.Thread(target=client) for _ in range(3)]
     for t in threads:
@@ -170,7 +176,7 @@ def test_run_to_endpoint_and_back(
         stop.set()
         for t in threads:
             t.join(60)
-    assert failures == [] and -1 not in answers
+    assert failures == [] and -1 not in answers, (strays[:3], want.tolist(), want2.tolist())
     assert 2 in answers and answers[-1] == 1
 
     # undeploy: no serving process left, nothing listed

@@ -1,9 +1,8 @@
-// Models and deployments. The gateway does not serve /v1/models or /v1/deployments yet (their
-// services are being built): these pages ask, and when the answer is 404 they say so plainly and
-// show what does exist (the model bundles your runs produced, with download links). A card can
-// still be read today: open a bundle (.choline-bundle.tar.gz, read in the browser, nothing is
-// uploaded) or its card.json, and the page renders the card and the try-it form a deployment of
-// it takes.
+// Models and deployments: the model registry (GET /v1/models: every version with its card) and the
+// deployments (GET /v1/deployments), each with its card and a try-it form generated from the card's
+// input schema; a ready deployment's form posts to /v1/deployments/NAME/predict. The model bundles
+// your runs produced are listed with download links, and any bundle (.choline-bundle.tar.gz, read in
+// the browser, nothing is uploaded) or card.json can be opened to read its card.
 
 import { api, optional } from "./api.js";
 import { bytes, clear, fill, h, num, prose, section, table, when } from "./dom.js";
@@ -203,7 +202,7 @@ export function tryItForm(card, send) {
       bodyEl.hidden = true;
       return;
     }
-    const request = { inputs: body };
+    const request = body; // POST /predict takes one sample: {input: value} (docs/serving.md)
     bodyEl.hidden = false;
     bodyEl.textContent = JSON.stringify(request);
     if (send) {
@@ -336,43 +335,69 @@ function notYet(what, body) {
   return h("section", { class: "panel not-available", id: "not-available" }, h("h1", {}, what), ...body);
 }
 
+// Every version of every model (GET /v1/models answers them flat, newest first), grouped by name.
+function groupVersions(versions) {
+  const byName = new Map();
+  for (const v of versions) {
+    if (!byName.has(v.name)) byName.set(v.name, []);
+    byName.get(v.name).push(v);
+  }
+  return [...byName.entries()].map(([name, vs]) => ({ name, versions: vs, latest: vs[0] }));
+}
+
 // --------------------------------------------------------------------------------- pages
 export async function renderModels(main) {
-  const models = await optional("/models");
-  if (models === null) {
+  const found = await optional("/models", { query: { cards: true } });
+  if (found === null) {
+    // an older gateway without the model registry: what does exist is still shown
     main.append(
-      notYet("Models", [
-        h("p", { class: "empty-state" }, "Models are not available from this gateway yet."),
-        h("p", { class: "muted" }, prose("The API has no /v1/models endpoint: the model registry (cards, versions, downloads) is still being built. Until then a run's model bundle is among its artifacts, listed below, and `choline pull RUN` brings it back.")),
-      ]),
+      notYet("Models", [h("p", { class: "empty-state" }, "Models are not available from this gateway.")]),
       section("Model bundles from your runs", await bundlesOfRuns()),
       bundlePreview(),
     );
     return null;
   }
-  const list = Array.isArray(models) ? models : models.models || [];
+  const models = groupVersions(Array.isArray(found) ? found : found.models || []);
   const detail = h("div", { id: "model-detail" });
   main.append(
     section(
       "Models",
       table(
         [
-          { label: "Model", cell: (m) => h("a", { href: "#", onclick: (e) => (e.preventDefault(), show(m)) }, m.name) },
-          { label: "Purpose", cell: (m) => m.purpose || (m.card && m.card.purpose) || "-" },
-          { label: "Versions", cell: (m) => (m.versions ? m.versions.map((v) => v.version ?? v).join(", ") : m.version ?? "-") },
-          { label: "Created", cell: (m) => when(m.created_at) },
+          { label: "Model", cell: (m) => h("a", { href: "#", class: "model-link", onclick: (e) => (e.preventDefault(), show(m)) }, m.name) },
+          { label: "Purpose", cell: (m) => (m.latest.card && m.latest.card.purpose) || "-" },
+          { label: "Versions", cell: (m) => m.versions.map((v) => `v${v.version}`).join(", ") },
+          {
+            label: "From",
+            cell: (m) =>
+              m.latest.run_id ? h("a", { href: `/ui/runs/${m.latest.run_id}`, "data-link": true }, m.latest.run_id) : m.latest.source || "-",
+          },
+          { label: "Size", cell: (m) => bytes(m.latest.size), class: "num" },
+          { label: "Created", cell: (m) => when(m.latest.created_at) },
         ],
-        list,
-        { empty: "No models yet: a run that saves a bundle registers one." },
+        models,
+        { empty: prose("No models yet: a run that saves a bundle registers one, and `choline models push BUNDLE` adds one."), id: "models-table" },
       ),
     ),
     detail,
+    section("Model bundles from your runs", await bundlesOfRuns()),
+    bundlePreview(),
   );
+  for (const tr of main.querySelectorAll("#models-table tbody tr")) {
+    const a = tr.querySelector("a.model-link");
+    if (a) tr.dataset.model = a.textContent;
+  }
   async function show(m) {
     clear(detail);
-    const card = m.card || (await optional(`/models/${encodeURIComponent(m.name)}`));
-    const c = card && (card.card || card);
-    if (c) detail.append(section(m.name, renderCard(c), h("h3", {}, "Try it"), tryItForm(c, null)));
+    const v = m.latest;
+    const card = v.card && Object.keys(v.card).length ? v.card : (await optional(`/models/${encodeURIComponent(m.name)}`))?.card;
+    detail.append(
+      section(
+        `${m.name} v${v.version}`,
+        h("p", { class: "muted" }, prose(`Deploy it with \`choline deploy model ${m.name}\`; sha256 ${v.sha256.slice(0, 12)}...`)),
+        card ? [renderCard(card), h("h3", {}, "Try it"), tryItForm(card, null)] : h("p", { class: "muted" }, "This version has no card."),
+      ),
+    );
   }
   return null;
 }
@@ -380,40 +405,46 @@ export async function renderModels(main) {
 export async function renderDeployments(main) {
   const found = await optional("/deployments");
   if (found === null) {
-    main.append(
-      notYet("Deployments", [
-        h("p", { class: "empty-state" }, "Deployments are not available from this gateway yet."),
-        h("p", { class: "muted" }, "The API has no /v1/deployments endpoint: the deploy service's contract is still being built. When it lands this page lists each deployment's endpoint and status, with a try-it form generated from its model card's input schema (see Models → Read a model card for that form today)."),
-      ]),
-    );
+    main.append(notYet("Deployments", [h("p", { class: "empty-state" }, "Deployments are not available from this gateway.")]));
     return null;
   }
   const list = Array.isArray(found) ? found : found.deployments || [];
   const detail = h("div", { id: "deployment-detail" });
+  const ready = (d) => (d.replicas || []).filter((r) => r.state === "ready").length;
   main.append(
     section(
       "Deployments",
       table(
         [
-          { label: "Name", cell: (d) => h("a", { href: "#", onclick: (e) => (e.preventDefault(), show(d)) }, d.name || d.id) },
-          { label: "Model", cell: (d) => `${d.model || "-"}${d.version != null ? ` v${d.version}` : ""}` },
-          { label: "Endpoint", cell: (d) => (d.url || d.endpoint ? h("code", {}, d.url || d.endpoint) : "-") },
-          { label: "Status", cell: (d) => h("span", { class: `badge state-${d.status || d.state}` }, d.status || d.state || "-") },
-          { label: "Created", cell: (d) => when(d.created_at) },
+          { label: "Name", cell: (d) => h("a", { href: "#", class: "deployment-link", onclick: (e) => (e.preventDefault(), show(d)) }, d.name) },
+          { label: "Model", cell: (d) => `${d.model} v${d.version}` },
+          { label: "State", cell: (d) => h("span", { class: `badge state-${d.state}` }, d.state) },
+          { label: "Replicas ready", cell: (d) => `${ready(d)} / ${(d.replicas || []).length}`, class: "num" },
+          { label: "Predict", cell: (d) => h("code", {}, `POST /v1/deployments/${d.name}/predict`) },
+          { label: "Updated", cell: (d) => when(d.updated_at) },
         ],
         list,
-        { empty: prose("No deployments: `choline deploy model NAME` serves one.") },
+        { empty: prose("No deployments: `choline deploy model NAME` serves one."), id: "deployments-table" },
       ),
     ),
     detail,
   );
+  for (const tr of main.querySelectorAll("#deployments-table tbody tr")) {
+    const a = tr.querySelector("a.deployment-link");
+    if (a) tr.dataset.deployment = a.textContent;
+  }
   async function show(d) {
     clear(detail);
-    const card = d.card || (d.model && (await optional(`/models/${encodeURIComponent(d.model)}`)));
-    const c = card && (card.card || card);
-    const sameOrigin = d.predict_url && d.predict_url.startsWith("/v1/");
-    const send = sameOrigin ? (body) => api(d.predict_url, { method: "POST", body }) : null;
-    detail.append(section(d.name || d.id, c ? [renderCard(c), h("h3", {}, "Try it"), tryItForm(c, send)] : h("p", { class: "muted" }, "No card for this deployment's model.")));
+    const model = await optional(`/models/${encodeURIComponent(d.model)}`, { query: { version: d.version } });
+    const card = model && model.card && Object.keys(model.card).length ? model.card : null;
+    const send = (body) => api(`/deployments/${encodeURIComponent(d.name)}/predict`, { method: "POST", body });
+    detail.append(
+      section(
+        `${d.name}: ${d.model} v${d.version}`,
+        d.reason ? h("p", { class: "error" }, d.reason) : null,
+        card ? [renderCard(card), h("h3", {}, "Try it"), tryItForm(card, d.state === "ready" || d.state === "degraded" ? send : null)] : h("p", { class: "muted" }, "No card for this deployment's model."),
+      ),
+    );
   }
   return null;
 }
