@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .embedded import GRPC_OFFSET, free_port, free_weed_port, port_free
+from .embedded import GRPC_OFFSET, free_weed_port, port_free, stable_port
 from .errors import InfraError
 from .settings import ENDPOINTS_FILE, SECRETS_DIR, choline_home, write_private
 
@@ -127,9 +127,7 @@ class ControlPlaneConfig:
         taken |= {p + GRPC_OFFSET for p in self.s3_ports.values()}
         for name in ("nats", "nats_monitor", *SERVICES):
             if name not in self.ports:
-                p = free_port()
-                while p in taken:
-                    p = free_port()
+                p = stable_port(taken)  # recorded and reused at every `up`: never an ephemeral port
                 self.ports[name] = p
                 taken.add(p)
                 changed = True

@@ -62,16 +62,49 @@ def free_port(host: str = LOOPBACK) -> int:
         return int(s.getsockname()[1])
 
 
-def free_weed_port(taken: set[int] | None = None) -> int:
-    """A port p < 55535 with p and p+10000 both free (weed's HTTP and gRPC)."""
+def ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (Linux; the IANA range elsewhere).
+
+    A port in it may be taken at any moment by a client connection of any process, so a port that must
+    still be free at the next start (recorded under CHOLINE_HOME, or weed's pairs) is picked outside it."""
+    with contextlib.suppress(OSError, ValueError):
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[:2]
+        return int(lo), int(hi)
+    return 49152, 65535
+
+
+def _outside_ephemeral(p: int, lo: int, hi: int) -> bool:
+    return not lo <= p <= hi
+
+
+def stable_port(taken: set[int] | None = None, *, pair_offset: int | None = None, upper: int = 65535) -> int:
+    """A free port outside the ephemeral range (and ``p + pair_offset`` free and outside it too)."""
     taken = taken or set()
-    for _ in range(500):
-        p = random.randint(20000, MAX_WEED_PORT - 1)
-        if p in taken or p + GRPC_OFFSET in taken:
+    lo, hi = ephemeral_range()
+    first = 10000 if lo > 20000 else 1024
+    for _ in range(2000):
+        p = random.randint(first, upper - (pair_offset or 0))
+        pair = [p] if pair_offset is None else [p, p + pair_offset]
+        if any(q in taken or not _outside_ephemeral(q, lo, hi) for q in pair):
             continue
-        if port_free(p) and port_free(p + GRPC_OFFSET):
+        if all(port_free(q) for q in pair):
             return p
-    raise InfraError("no free port pair for the S3 server below 55535")
+    return _fallback_port(taken, pair_offset, upper)
+
+
+def _fallback_port(taken: set[int], pair_offset: int | None, upper: int) -> int:
+    """Any free port (pair), when nothing outside the ephemeral range is free."""
+    for _ in range(500):
+        p = random.randint(20000, upper - (pair_offset or 0))
+        pair = [p] if pair_offset is None else [p, p + pair_offset]
+        if not any(q in taken for q in pair) and all(port_free(q) for q in pair):
+            return p
+    raise InfraError("no free port on 127.0.0.1", hint="stop what holds the ports, or set them in settings")
+
+
+def free_weed_port(taken: set[int] | None = None) -> int:
+    """A port p < 55535 with p and p+10000 both free (weed's HTTP and gRPC), outside the ephemeral range."""
+    return stable_port(taken, pair_offset=GRPC_OFFSET, upper=MAX_WEED_PORT + GRPC_OFFSET - 1)
 
 
 def wait_port(port: int, timeout: float, host: str = LOOPBACK, proc: subprocess.Popen[bytes] | None = None) -> None:
