@@ -41,9 +41,11 @@ def plane(tmp_path_factory: pytest.TempPathFactory, llm: LlmServer) -> Iterator[
         CHOLINE_LLM_MODEL="e2e-model",
         CHOLINE_LLM_API_KEY=LLM_KEY,
     )
-    assert up.returncode == 0, up.stderr + (cp.home / "logs" / "supervisor.log").read_text(errors="replace")[-3000:]
-    yield cp
-    cp.cli("down", timeout=120)
+    try:  # a failed `up` may leave components running: `down` in every case
+        assert up.returncode == 0, up.stderr + (cp.home / "logs" / "supervisor.log").read_text(errors="replace")[-3000:]
+        yield cp
+    finally:
+        cp.cli("down", timeout=120)
 
 
 def show(cp: ControlPlane, run_id: str) -> dict[str, object]:

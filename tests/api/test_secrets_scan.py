@@ -136,6 +136,8 @@ def test_no_secret_in_logs_events_or_databases(tmp_path: Path) -> None:
         "CHOLINE_LOG_LEVEL": "DEBUG",  # the most a log ever says
     }
     up = cli(home, "up", timeout=180, **env)
+    if up.returncode != 0:  # a failed `up` may leave components running
+        cli(home, "down", timeout=120)
     assert up.returncode == 0, up.stderr[-3000:]
     harvester = Harvester(home)
     harvester.start()

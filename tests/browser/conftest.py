@@ -133,8 +133,8 @@ def cp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         "up", timeout=120, CHOLINE_LOSS_TIMEOUT_S="5", CHOLINE_HEARTBEAT_S="1", CHOLINE_API_STREAM_TOKEN_TTL="15"
     )
     log = plane.home / "logs" / "supervisor.log"
-    assert up.returncode == 0, up.stderr + (log.read_text(errors="replace")[-3000:] if log.exists() else "")
-    try:
+    try:  # a failed `up` may leave components running: `down` in every case
+        assert up.returncode == 0, up.stderr + (log.read_text(errors="replace")[-3000:] if log.exists() else "")
         url = json.loads((plane.home / "endpoints.json").read_text())["gateway_url"]
         token = json.loads((plane.home / "secrets" / "token.json").read_text())["api_token"]
         yield Gateway(plane, url, token)

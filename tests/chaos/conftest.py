@@ -107,9 +107,11 @@ def controlplane(tmp_path_factory: pytest.TempPathFactory, emulator: Any) -> Ite
         CHOLINE_VAST_URL=emulator.url,
     )
     up = cp.cli("up", timeout=120, **env)
-    assert up.returncode == 0, up.stderr
-    yield cp
-    cp.cli("down", timeout=120)
+    try:  # a failed `up` may leave components running: `down` in every case
+        assert up.returncode == 0, up.stderr
+        yield cp
+    finally:
+        cp.cli("down", timeout=120)
 
 
 @pytest.fixture

@@ -51,9 +51,11 @@ def cp(tmp_path_factory: pytest.TempPathFactory, emulator: Any) -> Iterator[Cont
         CHOLINE_PROBE_TIMEOUT_S="3",
         CHOLINE_DEPLOY_CHECK_INTERVAL_S="0.5",
     )
-    assert up.returncode == 0, up.stderr
-    yield plane
-    plane.cli("down", timeout=120)
+    try:  # a failed `up` may leave components running: `down` in every case
+        assert up.returncode == 0, up.stderr
+        yield plane
+    finally:
+        plane.cli("down", timeout=120)
 
 
 def ok_json(cp: ControlPlane, *args: str) -> Any:

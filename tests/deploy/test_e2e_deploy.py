@@ -29,13 +29,18 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 PIXELS = [float((i * 5) % 17) for i in range(64)]
 
 
+UP_ENV = {"CHOLINE_DEPLOY_CHECK_INTERVAL_S": "0.5", "CHOLINE_DEPLOY_SWITCH_GRACE_S": "1.5"}
+
+
 @pytest.fixture(scope="module")
 def cp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     plane = ControlPlane(tmp_path_factory.mktemp("deploy-cp"))
-    up = plane.cli("up", timeout=120, CHOLINE_DEPLOY_CHECK_INTERVAL_S="0.5", CHOLINE_DEPLOY_SWITCH_GRACE_S="1.5")
-    assert up.returncode == 0, up.stderr
-    yield plane
-    plane.cli("down", timeout=120)
+    up = plane.cli("up", timeout=120, **UP_ENV)
+    try:  # a failed `up` may leave components running: `down` in every case
+        assert up.returncode == 0, up.stderr
+        yield plane
+    finally:
+        plane.cli("down", timeout=120)
 
 
 @pytest.fixture
@@ -178,6 +183,26 @@ def test_run_to_endpoint_and_back(
             t.join(60)
     assert failures == [] and -1 not in answers, (strays[:3], want.tolist(), want2.tolist())
     assert 2 in answers and answers[-1] == 1
+
+    # `choline down` stops the serving process with the control plane (no orphan holds a port); the next
+    # `up` serves the deployment again
+    wait_for(lambda: len(cli_json(cp, "deployments", "ls")[0]["replicas"]) == 1, what="the switch's old replica gone")
+    (before,) = cli_json(cp, "deployments", "ls")[0]["replicas"]
+    assert pid_alive(before["pid"])
+    assert cp.cli("down", timeout=120).returncode == 0
+    assert not pid_alive(before["pid"])
+    up = cp.cli("up", timeout=120, **UP_ENV)
+    assert up.returncode == 0, up.stderr
+    wait_for(
+        lambda: (
+            (d := cli_json(cp, "deployments", "ls")[0])["state"] == "ready"
+            and d["replicas"][0]["state"] == "ready"
+            and d["replicas"][0]["pid"] != before["pid"]
+        ),
+        what="the deployment served again after up",
+    )
+    got = cli_json(cp, "predict", "digits", "--json", json.dumps({"pixels": PIXELS}))["digit"]
+    assert torch.allclose(torch.tensor(got["value"], dtype=torch.float32), want, rtol=1e-4, atol=1e-4)
 
     # undeploy: no serving process left, nothing listed
     listed = cli_json(cp, "deployments", "ls")

@@ -49,6 +49,8 @@ class ControlPlane:
 def controlplane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     cp = ControlPlane(tmp_path_factory.mktemp("cp-home"))
     up = cp.cli("up", timeout=120, CHOLINE_LOSS_TIMEOUT_S="5", CHOLINE_HEARTBEAT_S="1")
-    assert up.returncode == 0, up.stderr + (cp.home / "logs" / "supervisor.log").read_text(errors="replace")[-3000:]
-    yield cp
-    cp.cli("down", timeout=120)
+    try:  # a failed `up` may leave components running: `down` in every case
+        assert up.returncode == 0, up.stderr + (cp.home / "logs" / "supervisor.log").read_text(errors="replace")[-3000:]
+        yield cp
+    finally:
+        cp.cli("down", timeout=120)

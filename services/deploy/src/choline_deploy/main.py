@@ -94,11 +94,22 @@ class DeployService(Service):
         self._watch = asyncio.create_task(self._watch_loop(), name="deploy-watch")
 
     async def stop(self) -> None:
-        """Serving processes keep running (they are the deployments); a restarted service adopts them."""
+        """A graceful stop (``choline down``, a container stop) drains and stops the serving processes of this
+        machine, so none outlives the control plane holding a port; their rows stay, and the next start serves
+        them again (the watch loop restarts a replica whose process is gone). A crash of this service leaves
+        them running, and the restarted service adopts them. Replicas on rented boxes are left to their runs."""
         if self._watch is not None:
             self._watch.cancel()
         for t in list(self._tasks):
             t.cancel()
+        if self.runner is not None and self.engine is not None:
+            runner = self.runner
+            with contextlib.suppress(Exception):
+                rows = await asyncio.to_thread(self._rows, None)
+                local = [r for _, reps in rows for r in reps if not r.run_id and r.pid]
+                await asyncio.gather(
+                    *(asyncio.to_thread(runner.stop, r.replica_id, r.pid, grace=10, forget=False) for r in local)
+                )
         if self.http is not None:
             await self.http.aclose()
         if self.engine is not None:
