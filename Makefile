@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # torch is pinned exactly: a looser pin pulls a multi-GB CUDA build.
 TORCH := torch==2.13.0
-PACKAGES := -e libs/choline-core[embedded] -e libs/choline-svc[postgres] -e libs/choline[torch,lightning,transformers] \
+PACKAGES := -e libs/choline-core[embedded] -e libs/choline-svc[postgres] -e libs/choline[torch,serve,lightning,transformers] \
 	-e services/api -e services/provisioner -e services/syncer -e services/monitor -e services/deploy \
 	-e worker-agent -e infra/vast_emulator
 PYPROJECTS := $(wildcard libs/*/pyproject.toml services/*/pyproject.toml worker-agent/pyproject.toml)
