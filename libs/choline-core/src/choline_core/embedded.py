@@ -118,7 +118,7 @@ def wait_port(port: int, timeout: float, host: str = LOOPBACK, proc: subprocess.
     raise InfraError(f"nothing listens on {host}:{port} after {timeout:g}s")
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child before exec: get SIGTERM when the parent dies (Linux), so a SIGKILLed
     supervisor leaves no orphans behind."""
     if sys.platform.startswith("linux"):
@@ -126,6 +126,9 @@ def _die_with_parent() -> None:
 
         with contextlib.suppress(Exception):
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+
+
+_die_with_parent_hook = die_with_parent
 
 
 def spawn(
@@ -145,7 +148,7 @@ def spawn(
         env=env,
         cwd=cwd,
         start_new_session=True,
-        preexec_fn=_die_with_parent if die_with_parent else None,
+        preexec_fn=_die_with_parent_hook if die_with_parent else None,
     )
 
 
