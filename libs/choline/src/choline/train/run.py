@@ -185,6 +185,7 @@ class Run:
         self.finished = False
         self._lock = threading.Lock()
         self._uploaded: set[int] = set()
+        self._backlog_deleted = 0  # checkpoints deleted unconfirmed (disk bound): warned about once
         self._announced: dict[int, proto.CheckpointReady] = {}
 
         # -- which checkpoint to resume from
@@ -600,8 +601,9 @@ class Run:
             return [m for s, m in sorted(self._announced.items()) if s not in self._uploaded]
 
     def _apply_retention(self) -> None:
-        """Local mode: keep the newest ``keep``. Under the agent: delete a checkpoint once uploaded (except the
-        newest ``keep``); more than ``max_local`` folders and the oldest go even unconfirmed (disk bound)."""
+        """Local mode: keep the newest ``keep``. Under the agent: delete a checkpoint once uploaded, or once a
+        newer one is (the agent uploads only the newest of a backlog: an older one is superseded), except the
+        newest ``keep``; more than ``max_local`` folders and the oldest go even unconfirmed (disk bound)."""
         writer = self._writer
         if writer is None:
             return
@@ -612,15 +614,22 @@ class Run:
             if not self.under_agent:
                 doomed = [s for s in steps if s not in keep]
             else:
-                doomed = [s for s in steps if s not in keep and s in self._uploaded]
+                newest_uploaded = max(self._uploaded, default=-1)
+                doomed = [s for s in steps if s not in keep and (s in self._uploaded or s < newest_uploaded)]
                 left = [s for s in steps if s not in doomed]
                 while len(left) > self.max_local:
                     victim = left.pop(0)
-                    log.warning(
-                        "deleting checkpoint %d before the agent confirmed its upload: more than %d are waiting",
-                        victim,
-                        self.max_local,
-                    )
+                    self._backlog_deleted += 1
+                    if self._backlog_deleted == 1:  # once per run: it says the same every time
+                        log.warning(
+                            "deleting checkpoint %d before the agent confirmed its upload: more than %d are waiting "
+                            "(checkpoints come faster than they upload; the newest is uploaded first, so a recovery "
+                            "loses little, but checkpointing less often wastes less)",
+                            victim,
+                            self.max_local,
+                        )
+                    else:
+                        log.debug("deleting checkpoint %d before the agent confirmed its upload", victim)
                     doomed.append(victim)
             for s in doomed:
                 writer.remove(s)
