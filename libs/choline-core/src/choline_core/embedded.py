@@ -73,33 +73,27 @@ def ephemeral_range() -> tuple[int, int]:
     return 49152, 65535
 
 
-def _outside_ephemeral(p: int, lo: int, hi: int) -> bool:
-    return not lo <= p <= hi
-
-
-def stable_port(taken: set[int] | None = None, *, pair_offset: int | None = None, upper: int = 65535) -> int:
-    """A free port outside the ephemeral range (and ``p + pair_offset`` free and outside it too)."""
+def stable_port(taken: set[int] | None = None, *, pair_offset: int = 0, upper: int = 65535) -> int:
+    """A free port outside the ephemeral range (with ``pair_offset``: ``p + pair_offset`` free and outside it
+    too); any free one when nothing outside it is free."""
     taken = taken or set()
     lo, hi = ephemeral_range()
     first = 10000 if lo > 20000 else 1024
-    for _ in range(2000):
-        p = random.randint(first, upper - (pair_offset or 0))
-        pair = [p] if pair_offset is None else [p, p + pair_offset]
-        if any(q in taken or not _outside_ephemeral(q, lo, hi) for q in pair):
-            continue
-        if all(port_free(q) for q in pair):
-            return p
-    return _fallback_port(taken, pair_offset, upper)
 
+    def pick(tries: int, outside_only: bool) -> int | None:
+        for _ in range(tries):
+            p = random.randint(first, upper - pair_offset)
+            pair = {p, p + pair_offset}
+            if pair & taken or (outside_only and any(lo <= q <= hi for q in pair)):
+                continue
+            if all(port_free(q) for q in pair):
+                return p
+        return None
 
-def _fallback_port(taken: set[int], pair_offset: int | None, upper: int) -> int:
-    """Any free port (pair), when nothing outside the ephemeral range is free."""
-    for _ in range(500):
-        p = random.randint(20000, upper - (pair_offset or 0))
-        pair = [p] if pair_offset is None else [p, p + pair_offset]
-        if not any(q in taken for q in pair) and all(port_free(q) for q in pair):
-            return p
-    raise InfraError("no free port on 127.0.0.1", hint="stop what holds the ports, or set them in settings")
+    found = pick(2000, True) or pick(500, False)
+    if found is None:
+        raise InfraError("no free port on 127.0.0.1", hint="stop what holds the ports, or set them in settings")
+    return found
 
 
 def free_weed_port(taken: set[int] | None = None) -> int:

@@ -342,7 +342,7 @@ function groupVersions(versions) {
     if (!byName.has(v.name)) byName.set(v.name, []);
     byName.get(v.name).push(v);
   }
-  return [...byName.entries()].map(([name, vs]) => ({ name, versions: vs, latest: vs[0] }));
+  return [...byName.entries()].map(([name, vs]) => ({ name, versions: vs, latest: vs[0], _attrs: { "data-model": name } }));
 }
 
 // --------------------------------------------------------------------------------- pages
@@ -383,14 +383,10 @@ export async function renderModels(main) {
     section("Model bundles from your runs", await bundlesOfRuns()),
     bundlePreview(),
   );
-  for (const tr of main.querySelectorAll("#models-table tbody tr")) {
-    const a = tr.querySelector("a.model-link");
-    if (a) tr.dataset.model = a.textContent;
-  }
   async function show(m) {
     clear(detail);
     const v = m.latest;
-    const card = v.card && Object.keys(v.card).length ? v.card : (await optional(`/models/${encodeURIComponent(m.name)}`))?.card;
+    const card = v.card && Object.keys(v.card).length ? v.card : null; // listed with ?cards=true
     detail.append(
       section(
         `${m.name} v${v.version}`,
@@ -408,7 +404,7 @@ export async function renderDeployments(main) {
     main.append(notYet("Deployments", [h("p", { class: "empty-state" }, "Deployments are not available from this gateway.")]));
     return null;
   }
-  const list = Array.isArray(found) ? found : found.deployments || [];
+  const list = (Array.isArray(found) ? found : found.deployments || []).map((d) => ({ ...d, _attrs: { "data-deployment": d.name } }));
   const detail = h("div", { id: "deployment-detail" });
   const ready = (d) => (d.replicas || []).filter((r) => r.state === "ready").length;
   main.append(
@@ -429,10 +425,6 @@ export async function renderDeployments(main) {
     ),
     detail,
   );
-  for (const tr of main.querySelectorAll("#deployments-table tbody tr")) {
-    const a = tr.querySelector("a.deployment-link");
-    if (a) tr.dataset.deployment = a.textContent;
-  }
   async function show(d) {
     clear(detail);
     const model = await optional(`/models/${encodeURIComponent(d.model)}`, { query: { version: d.version } });
