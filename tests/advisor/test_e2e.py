@@ -32,20 +32,14 @@ def llm() -> Iterator[LlmServer]:
 @pytest.fixture(scope="module")
 def plane(tmp_path_factory: pytest.TempPathFactory, llm: LlmServer) -> Iterator[ControlPlane]:
     cp = ControlPlane(tmp_path_factory.mktemp("cp-advisor"))
-    up = cp.cli(
-        "up",
-        timeout=120,
+    with cp.running(
         CHOLINE_LOSS_TIMEOUT_S="5",
         CHOLINE_HEARTBEAT_S="1",
         CHOLINE_LLM_BASE_URL=llm.url,
         CHOLINE_LLM_MODEL="e2e-model",
         CHOLINE_LLM_API_KEY=LLM_KEY,
-    )
-    try:  # a failed `up` may leave components running: `down` in every case
-        assert up.returncode == 0, up.stderr + (cp.home / "logs" / "supervisor.log").read_text(errors="replace")[-3000:]
+    ):
         yield cp
-    finally:
-        cp.cli("down", timeout=120)
 
 
 def show(cp: ControlPlane, run_id: str) -> dict[str, object]:

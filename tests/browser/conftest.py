@@ -129,17 +129,10 @@ def chromium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 def cp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     plane = ControlPlane(tmp_path_factory.mktemp("cp-home"))
     # stream tokens live 15 s here, so the live-run test sees the page renew them when the gateway restarts
-    up = plane.cli(
-        "up", timeout=120, CHOLINE_LOSS_TIMEOUT_S="5", CHOLINE_HEARTBEAT_S="1", CHOLINE_API_STREAM_TOKEN_TTL="15"
-    )
-    log = plane.home / "logs" / "supervisor.log"
-    try:  # a failed `up` may leave components running: `down` in every case
-        assert up.returncode == 0, up.stderr + (log.read_text(errors="replace")[-3000:] if log.exists() else "")
+    with plane.running(CHOLINE_LOSS_TIMEOUT_S="5", CHOLINE_HEARTBEAT_S="1", CHOLINE_API_STREAM_TOKEN_TTL="15"):
         url = json.loads((plane.home / "endpoints.json").read_text())["gateway_url"]
         token = json.loads((plane.home / "secrets" / "token.json").read_text())["api_token"]
         yield Gateway(plane, url, token)
-    finally:
-        plane.cli("down", timeout=120)
 
 
 @pytest.fixture(scope="module")

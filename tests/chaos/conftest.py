@@ -106,12 +106,8 @@ def controlplane(tmp_path_factory: pytest.TempPathFactory, emulator: Any) -> Ite
         CHOLINE_VAST_API_KEY=VAST_KEY,
         CHOLINE_VAST_URL=emulator.url,
     )
-    up = cp.cli("up", timeout=120, **env)
-    try:  # a failed `up` may leave components running: `down` in every case
-        assert up.returncode == 0, up.stderr
+    with cp.running(**env):
         yield cp
-    finally:
-        cp.cli("down", timeout=120)
 
 
 @pytest.fixture

@@ -35,12 +35,8 @@ UP_ENV = {"CHOLINE_DEPLOY_CHECK_INTERVAL_S": "0.5", "CHOLINE_DEPLOY_SWITCH_GRACE
 @pytest.fixture(scope="module")
 def cp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     plane = ControlPlane(tmp_path_factory.mktemp("deploy-cp"))
-    up = plane.cli("up", timeout=120, **UP_ENV)
-    try:  # a failed `up` may leave components running: `down` in every case
-        assert up.returncode == 0, up.stderr
+    with plane.running(**UP_ENV):
         yield plane
-    finally:
-        plane.cli("down", timeout=120)
 
 
 @pytest.fixture

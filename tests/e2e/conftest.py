@@ -3,6 +3,7 @@ the real CLI as a user would; ``choline down`` at the end."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -36,6 +37,19 @@ class ControlPlane:
             env=self.env(**extra),
         )
 
+    @contextlib.contextmanager
+    def running(self, timeout: float = 120, **env: str) -> Iterator[ControlPlane]:
+        """``choline up`` with ``env``, then ``choline down`` in every case (a failed ``up`` may leave
+        components running)."""
+        up = self.cli("up", timeout=timeout, **env)
+        try:
+            log = self.home / "logs" / "supervisor.log"
+            tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+            assert up.returncode == 0, up.stderr[-3000:] + tail
+            yield self
+        finally:
+            self.cli("down", timeout=120)
+
     def live_boxes(self) -> list[Path]:
         from choline_provisioner.providers import localbox
 
@@ -48,9 +62,5 @@ class ControlPlane:
 @pytest.fixture(scope="module")
 def controlplane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     cp = ControlPlane(tmp_path_factory.mktemp("cp-home"))
-    up = cp.cli("up", timeout=120, CHOLINE_LOSS_TIMEOUT_S="5", CHOLINE_HEARTBEAT_S="1")
-    try:  # a failed `up` may leave components running: `down` in every case
-        assert up.returncode == 0, up.stderr + (cp.home / "logs" / "supervisor.log").read_text(errors="replace")[-3000:]
+    with cp.running(CHOLINE_LOSS_TIMEOUT_S="5", CHOLINE_HEARTBEAT_S="1"):
         yield cp
-    finally:
-        cp.cli("down", timeout=120)
